@@ -130,8 +130,13 @@ class PromptSets:
     pairs: tuple[PromptPair, ...]
     extra_forget: tuple[str, ...]
     retain: tuple[str, ...]
-    holdout: tuple[str, ...]
+    holdout_pairs: tuple[PromptPair, ...]
     request: ConceptRequest = field(repr=False)
+
+    @property
+    def holdout(self) -> list[str]:
+        """Held-out forget prompts (templates never used for fitting)."""
+        return [p.target_prompt for p in self.holdout_pairs]
 
     @property
     def forget(self) -> list[str]:
@@ -152,16 +157,20 @@ def build_prompt_sets(request: ConceptRequest, *, max_templates: int | None = No
     """Forget/anchor pairs, extra forget prompts, retain prompts and held-out prompts of ``request``."""
     data = preset_data()[request.preset]
     templates = list(data["templates"])[:max_templates]
-    pairs = []
-    for concept in request.targets:
-        for tpl in templates:
-            text, prefix, suffix = _fill(tpl, concept)
-            anchor_text, _, _ = _fill(tpl, request.anchor)
-            pairs.append(PromptPair(text, anchor_text, concept, request.anchor, prefix, suffix))
+
+    def pairs_of(tpls: list[str]) -> tuple[PromptPair, ...]:
+        out = []
+        for concept in request.targets:
+            for tpl in tpls:
+                text, prefix, suffix = _fill(tpl, concept)
+                anchor_text, _, _ = _fill(tpl, request.anchor)
+                out.append(PromptPair(text, anchor_text, concept, request.anchor, prefix, suffix))
+        return tuple(out)
+
     retain = [_fill(tpl, r)[0] for r in request.retain for tpl in templates[: max(2, len(templates) // 3)]]
-    holdout = [_fill(tpl, c)[0] for c in request.targets for tpl in data.get("holdout_templates", [])]
     extra = list(request.prompts) + list(request.paraphrases)
-    return PromptSets(tuple(pairs), tuple(extra), tuple(retain), tuple(holdout), request)
+    return PromptSets(pairs_of(templates), tuple(extra), tuple(retain), pairs_of(list(data.get("holdout_templates", []))),
+                      request)
 
 
 # --------------------------------------------------------------------------- tokens
