@@ -25,8 +25,9 @@ def _ensure_core() -> None:
     if "erasure_core" in sys.modules:
         return
     init = os.path.join(_HERE, "erasure_core", "__init__.py")
-    spec = importlib.util.spec_from_file_location("erasure_core", init,
-                                                  submodule_search_locations=[os.path.dirname(init)])
+    spec = importlib.util.spec_from_file_location(
+        "erasure_core", init, submodule_search_locations=[os.path.dirname(init)]
+    )
     module = importlib.util.module_from_spec(spec)
     sys.modules["erasure_core"] = module
     try:

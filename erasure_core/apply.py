@@ -34,14 +34,17 @@ def applied_deltas(
     params = dict(module.named_parameters())
     todo = []
     for d in deltas:
-        name = d.key[len(key_prefix):] if d.key.startswith(key_prefix) else d.key
+        name = d.key[len(key_prefix) :] if d.key.startswith(key_prefix) else d.key
         if name not in params:
-            raise PatchMismatchError(f"the patch edits {d.key!r}, which this model does not have; "
-                                     "the patch was fitted on another model")
+            raise PatchMismatchError(
+                f"the patch edits {d.key!r}, which this model does not have; the patch was fitted on another model"
+            )
         target = _slice(params[name], d.offset)
         if tuple(target.shape) != d.shape:
-            raise PatchMismatchError(f"the patch's delta for {d.key!r} has shape {d.shape}, the model's weight "
-                                     f"has {tuple(target.shape)}; the patch was fitted on another model")
+            raise PatchMismatchError(
+                f"the patch's delta for {d.key!r} has shape {d.shape}, the model's weight "
+                f"has {tuple(target.shape)}; the patch was fitted on another model"
+            )
         todo.append((params[name], d))
     backups = [(p, p.detach().clone()) for p, _ in todo]
     try:

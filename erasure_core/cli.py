@@ -58,13 +58,17 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         f"anchor: {info['concept'].get('anchor') or '(nothing)'}",
     ]
     if info["metrics"]:
-        out.append("  metrics: " + ", ".join(f"{k}={v}" for k, v in info["metrics"].items() if not isinstance(v, (dict, list))))
+        out.append(
+            "  metrics: " + ", ".join(f"{k}={v}" for k, v in info["metrics"].items() if not isinstance(v, (dict, list)))
+        )
     for d in info["deltas"]:
         off = f" rows {d['offset'][1]}:{d['offset'][1] + d['offset'][2]}" if d["offset"] else ""
         out.append(f"  {d['target']:5s} {d['kind']:7s} rank {d['rank']:4d} {tuple(d['shape'])} {d['key']}{off}")
     for c in info["clear_modules"]:
-        out.append(f"  CLEAR {c['encoder']} block {c['block']} ({c['block_path']}): {c['features']} features, "
-                   f"{c['specific_features']} specific, default strength {c['default_strength']}")
+        out.append(
+            f"  CLEAR {c['encoder']} block {c['block']} ({c['block_path']}): {c['features']} features, "
+            f"{c['specific_features']} specific, default strength {c['default_strength']}"
+        )
     sys.stdout.write("\n".join(out) + "\n")
     return 0
 
@@ -151,7 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
     try:
         if args.command == "fit":
             return cmd_fit(args, rest)

@@ -22,9 +22,14 @@ from .prompts import ConceptRequest, PromptSets, build_prompt_sets
 def request_of(patch: ErasurePatch) -> ConceptRequest:
     """The concept request a patch was fitted for (from its metadata)."""
     c = patch.concept
-    return ConceptRequest.create(c.get("targets", []), anchor=c.get("anchor", ""), retain=c.get("retain") or None,
-                                 preset=c.get("preset", "object"), prompts=c.get("prompts"),
-                                 paraphrases=c.get("paraphrases"))
+    return ConceptRequest.create(
+        c.get("targets", []),
+        anchor=c.get("anchor", ""),
+        retain=c.get("retain") or None,
+        preset=c.get("preset", "object"),
+        prompts=c.get("prompts"),
+        paraphrases=c.get("paraphrases"),
+    )
 
 
 def _outputs(adapter: TextEncoderAdapter, prompts: list[str]) -> list[torch.Tensor]:
@@ -40,8 +45,10 @@ def evaluate_encoder_patch(
     forget_p, forget_a = [p.target_prompt for p in sets.pairs], [p.anchor_prompt for p in sets.pairs]
     hold_p, hold_a = [p.target_prompt for p in sets.holdout_pairs], [p.anchor_prompt for p in sets.holdout_pairs]
     retain = list(sets.retain)
-    before = {k: _outputs(adapter, v) for k, v in
-              {"f": forget_p, "fa": forget_a, "h": hold_p, "ha": hold_a, "r": retain}.items()}
+    before = {
+        k: _outputs(adapter, v)
+        for k, v in {"f": forget_p, "fa": forget_a, "h": hold_p, "ha": hold_a, "r": retain}.items()
+    }
     with ExitStack() as stack:
         deltas = [d for d in patch.clip_deltas() if d.key.startswith(adapter.key_prefix)]
         stack.enter_context(applied_deltas(adapter.root, deltas, strength=strength, key_prefix=adapter.key_prefix))

@@ -80,7 +80,9 @@ class WeightDelta:
             raise PatchFileError(f"delta {self.key!r}: target must be 'model' or 'clip', got {self.target!r}")
         low_rank = self.up is not None and self.down is not None
         if low_rank == (self.dense is not None) or (self.up is None) != (self.down is None):
-            raise PatchFileError(f"delta {self.key!r}: give either up and down factors or a dense tensor, not both or neither")
+            raise PatchFileError(
+                f"delta {self.key!r}: give either up and down factors or a dense tensor, not both or neither"
+            )
         if low_rank:
             if self.up.ndim != 2 or self.down.ndim != 2 or self.up.shape[1] != self.down.shape[0]:
                 raise PatchFileError(
@@ -177,7 +179,9 @@ class ClearModule:
             if got != shape:
                 raise PatchFileError(f"CLEAR module at {self.block_path!r}: {name} has shape {got}, expected {shape}")
         if not math.isfinite(self.scale) or self.scale <= 0:
-            raise PatchFileError(f"CLEAR module at {self.block_path!r}: scale must be a positive number, got {self.scale}")
+            raise PatchFileError(
+                f"CLEAR module at {self.block_path!r}: scale must be a positive number, got {self.scale}"
+            )
 
     @property
     def width(self) -> int:
@@ -202,7 +206,9 @@ class ErasurePatch:
         if self.method not in METHODS:
             raise PatchFileError(f"unknown method {self.method!r}; expected one of {', '.join(METHODS)}")
         if self.model_family not in MODEL_FAMILIES:
-            raise PatchFileError(f"unknown model family {self.model_family!r}; expected one of {', '.join(MODEL_FAMILIES)}")
+            raise PatchFileError(
+                f"unknown model family {self.model_family!r}; expected one of {', '.join(MODEL_FAMILIES)}"
+            )
         seen: set[tuple[str, Any]] = set()
         for d in self.deltas:
             ident = (d.key, d.offset)
@@ -237,14 +243,29 @@ class ErasurePatch:
             "num_clear_modules": len(self.clear_modules),
             "num_parameters": self.num_parameters(),
             "deltas": [
-                {"key": d.key, "target": d.target, "kind": "lowrank" if d.is_low_rank else "dense",
-                 "shape": list(d.shape), "rank": d.rank, "offset": list(d.offset) if d.offset else None}
+                {
+                    "key": d.key,
+                    "target": d.target,
+                    "kind": "lowrank" if d.is_low_rank else "dense",
+                    "shape": list(d.shape),
+                    "rank": d.rank,
+                    "offset": list(d.offset) if d.offset else None,
+                }
                 for d in self.deltas
             ],
             "clear_modules": [
-                {"encoder": c.encoder, "block": c.block, "block_path": c.block_path, "width": c.width,
-                 "features": c.W_enc.shape[0], "specific_features": int(c.mask.sum()), "scale": c.scale,
-                 "topk": c.topk, "default_strength": c.default_strength, "concept": c.concept}
+                {
+                    "encoder": c.encoder,
+                    "block": c.block,
+                    "block_path": c.block_path,
+                    "width": c.width,
+                    "features": c.W_enc.shape[0],
+                    "specific_features": int(c.mask.sum()),
+                    "scale": c.scale,
+                    "topk": c.topk,
+                    "default_strength": c.default_strength,
+                    "concept": c.concept,
+                }
                 for c in self.clear_modules
             ],
         }
@@ -266,17 +287,35 @@ class ErasurePatch:
                 if n in tensors:
                     raise PatchFileError(f"two deltas write the same tensor name {n!r}; give them distinct lora_name")
                 tensors[n] = values[part]
-            index_deltas.append({"key": d.key, "target": d.target, "offset": list(d.offset) if d.offset else None,
-                                 "tensors": names, "shape": list(d.shape)})
+            index_deltas.append(
+                {
+                    "key": d.key,
+                    "target": d.target,
+                    "offset": list(d.offset) if d.offset else None,
+                    "tensors": names,
+                    "shape": list(d.shape),
+                }
+            )
         index_clear = []
         for i, c in enumerate(self.clear_modules):
             prefix = f"erasure_clear.{i}"
             for t in _CLEAR_TENSORS:
                 v = getattr(c, t)
                 tensors[f"{prefix}.{t}"] = v.to(torch.uint8) if t == "mask" else v
-            index_clear.append({"prefix": prefix, "encoder": c.encoder, "block": c.block, "block_path": c.block_path,
-                                "scale": c.scale, "topk": c.topk, "default_strength": c.default_strength,
-                                "concept": c.concept, "width": c.width, "features": c.W_enc.shape[0]})
+            index_clear.append(
+                {
+                    "prefix": prefix,
+                    "encoder": c.encoder,
+                    "block": c.block,
+                    "block_path": c.block_path,
+                    "scale": c.scale,
+                    "topk": c.topk,
+                    "default_strength": c.default_strength,
+                    "concept": c.concept,
+                    "width": c.width,
+                    "features": c.W_enc.shape[0],
+                }
+            )
         metadata = {
             "format": FORMAT_NAME,
             "format_version": str(FORMAT_VERSION),
@@ -334,7 +373,9 @@ class ErasurePatch:
         return cls.from_tensors(tensors, metadata, source=path.name)
 
     @classmethod
-    def from_tensors(cls, tensors: dict[str, torch.Tensor], metadata: dict[str, str], *, source: str = "patch") -> ErasurePatch:
+    def from_tensors(
+        cls, tensors: dict[str, torch.Tensor], metadata: dict[str, str], *, source: str = "patch"
+    ) -> ErasurePatch:
         """Validate a safetensors payload and build the patch; raises ``PatchFileError``."""
         fmt = metadata.get("format")
         if fmt != FORMAT_NAME:
@@ -386,25 +427,45 @@ class ErasurePatch:
                 if "dense" in names:
                     d = WeightDelta(key, entry["target"], dense=tensor(names["dense"]), offset=offset)
                 else:
-                    d = WeightDelta(key, entry["target"], up=tensor(names["up"]), down=tensor(names["down"]), offset=offset)
+                    d = WeightDelta(
+                        key, entry["target"], up=tensor(names["up"]), down=tensor(names["down"]), offset=offset
+                    )
                 if d.shape != shape:
                     raise PatchFileError(f"{source}: delta {key!r} has shape {d.shape}, index says {shape}")
                 base = names.get("dense", names.get("up", "")).rsplit(".lora_up.weight", 1)[0].rsplit(".diff", 1)[0]
-                deltas.append(WeightDelta(key, d.target, up=d.up, down=d.down, dense=d.dense, offset=offset,
-                                          lora_name=base if base != d.file_base else None))
+                deltas.append(
+                    WeightDelta(
+                        key,
+                        d.target,
+                        up=d.up,
+                        down=d.down,
+                        dense=d.dense,
+                        offset=offset,
+                        lora_name=base if base != d.file_base else None,
+                    )
+                )
             modules = []
             for entry in index.get("clear_modules", []):
                 p = entry["prefix"]
                 mask = tensor(f"{p}.mask", floating=False)
                 if mask.dtype not in (torch.uint8, torch.bool):
                     raise PatchFileError(f"{source}: tensor {p}.mask has dtype {mask.dtype}, expected uint8 or bool")
-                modules.append(ClearModule(
-                    encoder=str(entry["encoder"]), block=int(entry["block"]), block_path=str(entry["block_path"]),
-                    W_enc=tensor(f"{p}.W_enc"), b_enc=tensor(f"{p}.b_enc"), W_dec=tensor(f"{p}.W_dec"),
-                    b_dec=tensor(f"{p}.b_dec"), mask=mask.bool(), scale=float(entry["scale"]),
-                    topk=int(entry.get("topk", 0)), default_strength=float(entry.get("default_strength", 1.0)),
-                    concept=str(entry.get("concept", "")),
-                ))
+                modules.append(
+                    ClearModule(
+                        encoder=str(entry["encoder"]),
+                        block=int(entry["block"]),
+                        block_path=str(entry["block_path"]),
+                        W_enc=tensor(f"{p}.W_enc"),
+                        b_enc=tensor(f"{p}.b_enc"),
+                        W_dec=tensor(f"{p}.W_dec"),
+                        b_dec=tensor(f"{p}.b_dec"),
+                        mask=mask.bool(),
+                        scale=float(entry["scale"]),
+                        topk=int(entry.get("topk", 0)),
+                        default_strength=float(entry.get("default_strength", 1.0)),
+                        concept=str(entry.get("concept", "")),
+                    )
+                )
         except (KeyError, TypeError) as e:
             raise PatchFileError(f"{source}: the erasure index is malformed (missing or wrong field {e})") from None
         unknown = sorted(set(tensors) - used)
@@ -424,9 +485,12 @@ def weight_fingerprint(weight: torch.Tensor, *, samples: int = 4096) -> dict[str
     flat = weight.detach().reshape(-1)
     step = max(1, flat.numel() // samples)
     s = flat[::step][:samples].to(torch.float64)
-    return {"shape": list(weight.shape), "mean": float(f"{s.mean().item():.4g}"),
-            "std": float(f"{s.std().item() if s.numel() > 1 else 0.0:.4g}"),
-            "absmean": float(f"{s.abs().mean().item():.4g}")}
+    return {
+        "shape": list(weight.shape),
+        "mean": float(f"{s.mean().item():.4g}"),
+        "std": float(f"{s.std().item() if s.numel() > 1 else 0.0:.4g}"),
+        "absmean": float(f"{s.abs().mean().item():.4g}"),
+    }
 
 
 def fingerprints_match(a: dict[str, Any], b: dict[str, Any], *, rtol: float = 0.02) -> bool:

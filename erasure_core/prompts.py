@@ -103,8 +103,14 @@ class ConceptRequest:
         return cls(tuple(t), a, tuple(r), preset, tuple(_clean(prompts)), tuple(_clean(paraphrases)))
 
     def to_dict(self) -> dict[str, Any]:
-        return {"targets": list(self.targets), "anchor": self.anchor, "retain": list(self.retain),
-                "preset": self.preset, "prompts": list(self.prompts), "paraphrases": list(self.paraphrases)}
+        return {
+            "targets": list(self.targets),
+            "anchor": self.anchor,
+            "retain": list(self.retain),
+            "preset": self.preset,
+            "prompts": list(self.prompts),
+            "paraphrases": list(self.paraphrases),
+        }
 
 
 @dataclass(frozen=True)
@@ -169,8 +175,9 @@ def build_prompt_sets(request: ConceptRequest, *, max_templates: int | None = No
 
     retain = [_fill(tpl, r)[0] for r in request.retain for tpl in templates[: max(2, len(templates) // 3)]]
     extra = list(request.prompts) + list(request.paraphrases)
-    return PromptSets(pairs_of(templates), tuple(extra), tuple(retain), pairs_of(list(data.get("holdout_templates", []))),
-                      request)
+    return PromptSets(
+        pairs_of(templates), tuple(extra), tuple(retain), pairs_of(list(data.get("holdout_templates", []))), request
+    )
 
 
 # --------------------------------------------------------------------------- tokens
@@ -183,7 +190,9 @@ def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     return n
 
 
-def concept_span(tokenize: Callable[[str], list[int]], pair_prefix: str, concept: str, pair_suffix: str) -> tuple[list[int], int, int]:
+def concept_span(
+    tokenize: Callable[[str], list[int]], pair_prefix: str, concept: str, pair_suffix: str
+) -> tuple[list[int], int, int]:
     """Token ids of ``prefix + concept + suffix`` and the concept's token span ``[start, end)``.
 
     ``tokenize`` returns the real (non-pad) token ids of a text, special tokens included.
@@ -248,6 +257,8 @@ def align_pair(tokenize: Callable[[str], list[int]], pair: PromptPair) -> tuple[
     t_ids, ts, te = concept_span(tokenize, pair.prefix, pair.concept, pair.suffix)
     a_ids, as_, ae = concept_span(tokenize, pair.prefix, pair.anchor, pair.suffix)
     if te <= ts:
-        raise ConceptRequestError(f"the target {pair.concept!r} tokenizes to nothing in {pair.target_prompt!r}; "
-                                  "use a word the text encoder knows")
+        raise ConceptRequestError(
+            f"the target {pair.concept!r} tokenizes to nothing in {pair.target_prompt!r}; "
+            "use a word the text encoder knows"
+        )
     return t_ids, a_ids, align_tokens(len(t_ids), (ts, te), len(a_ids), (as_, ae))

@@ -25,8 +25,14 @@ import torch
 
 from .errors import FitError
 
-__all__ = ["LowRankDelta", "ResidualReport", "SymmetricSolver", "regularized_delta", "zero_residual_delta",
-           "compress_columns"]
+__all__ = [
+    "LowRankDelta",
+    "ResidualReport",
+    "SymmetricSolver",
+    "regularized_delta",
+    "zero_residual_delta",
+    "compress_columns",
+]
 
 
 @dataclass(frozen=True)

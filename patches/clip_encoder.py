@@ -87,8 +87,11 @@ class ComfyTextEncoder:
     def _hidden_size(self) -> int:
         if self.layout.kind == "clip":
             return int(self.root.text_model.embeddings.token_embedding.weight.shape[1])
-        return int(self.root.shared.weight.shape[1]) if hasattr(self.root, "shared") else int(
-            self.root.get_submodule(self.layout.v_proj_path(0)).weight.shape[1])
+        return (
+            int(self.root.shared.weight.shape[1])
+            if hasattr(self.root, "shared")
+            else int(self.root.get_submodule(self.layout.v_proj_path(0)).weight.shape[1])
+        )
 
     def block_path(self, i: int) -> str:
         """Path of block ``i`` relative to the CLIP patcher's model (for ``add_object_patch``)."""
@@ -127,7 +130,7 @@ class ComfyTextEncoder:
             ids = [int(p[0]) for p in tokens[self.token_key][0][:n]]
             self.clip.load_model()
             if names:
-                with ActivationCapture(self.root, names, transform=lambda x: x[:1, :n].float().cpu()) as cap:
+                with ActivationCapture(self.root, names, transform=lambda x, n=n: x[:1, :n].float().cpu()) as cap:
                     out = self.clip.encode_from_tokens(tokens, return_pooled=True, return_dict=True)
                 hidden = {i: cap.outputs[nm][0][0] for i, nm in zip(blocks, names)}
             else:

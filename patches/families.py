@@ -94,17 +94,47 @@ def _flux_targets(spec: FamilySpec, state_keys: dict[str, Any], model: Any) -> l
 FAMILIES: dict[str, FamilySpec] = {
     spec.name: spec
     for spec in (
-        FamilySpec("sd15", "Stable Diffusion 1.5", ("SD15",),
-                   r"^diffusion_model\.(.+\.attn2)\.to_([kv])\.weight$", "attn2", ("clip_l",)),
-        FamilySpec("sdxl", "Stable Diffusion XL", ("SDXL",),
-                   r"^diffusion_model\.(.+\.attn2)\.to_([kv])\.weight$", "attn2", ("clip_l", "clip_g")),
-        FamilySpec("flux", "Flux.1", ("Flux",),
-                   r"^diffusion_model\.(double_blocks\.\d+\.txt_attn)\.qkv\.weight$", "flux_txt",
-                   ("t5xxl", "clip_l"), _flux_targets),
-        FamilySpec("wan22_5b", "Wan2.2 TI2V-5B", ("WAN22",),
-                   r"^diffusion_model\.(blocks\.\d+\.cross_attn)\.([kv])\.weight$", "wan_text_embedding", ("umt5xxl",)),
-        FamilySpec("wan21", "Wan2.1 / Wan2.2 A14B", ("WAN21",),
-                   r"^diffusion_model\.(blocks\.\d+\.cross_attn)\.([kv])\.weight$", "wan_text_embedding", ("umt5xxl",)),
+        FamilySpec(
+            "sd15",
+            "Stable Diffusion 1.5",
+            ("SD15",),
+            r"^diffusion_model\.(.+\.attn2)\.to_([kv])\.weight$",
+            "attn2",
+            ("clip_l",),
+        ),
+        FamilySpec(
+            "sdxl",
+            "Stable Diffusion XL",
+            ("SDXL",),
+            r"^diffusion_model\.(.+\.attn2)\.to_([kv])\.weight$",
+            "attn2",
+            ("clip_l", "clip_g"),
+        ),
+        FamilySpec(
+            "flux",
+            "Flux.1",
+            ("Flux",),
+            r"^diffusion_model\.(double_blocks\.\d+\.txt_attn)\.qkv\.weight$",
+            "flux_txt",
+            ("t5xxl", "clip_l"),
+            _flux_targets,
+        ),
+        FamilySpec(
+            "wan22_5b",
+            "Wan2.2 TI2V-5B",
+            ("WAN22",),
+            r"^diffusion_model\.(blocks\.\d+\.cross_attn)\.([kv])\.weight$",
+            "wan_text_embedding",
+            ("umt5xxl",),
+        ),
+        FamilySpec(
+            "wan21",
+            "Wan2.1 / Wan2.2 A14B",
+            ("WAN21",),
+            r"^diffusion_model\.(blocks\.\d+\.cross_attn)\.([kv])\.weight$",
+            "wan_text_embedding",
+            ("umt5xxl",),
+        ),
     )
 }
 

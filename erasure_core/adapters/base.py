@@ -48,12 +48,27 @@ class EncoderLayout:
 
 
 LAYOUTS: dict[str, EncoderLayout] = {
-    "clip": EncoderLayout("clip", "text_model.encoder.layers.{i}", "text_model.encoder.layers.{i}.self_attn.v_proj",
-                          "text_model.encoder.layers.{i}.mlp.fc2", causal=True),
-    "t5": EncoderLayout("t5", "encoder.block.{i}", "encoder.block.{i}.layer.0.SelfAttention.v",
-                        "encoder.block.{i}.layer.1.DenseReluDense.wo", causal=False),
-    "bert": EncoderLayout("bert", "encoder.layer.{i}", "encoder.layer.{i}.attention.self.value",
-                          "encoder.layer.{i}.output.dense", causal=False),
+    "clip": EncoderLayout(
+        "clip",
+        "text_model.encoder.layers.{i}",
+        "text_model.encoder.layers.{i}.self_attn.v_proj",
+        "text_model.encoder.layers.{i}.mlp.fc2",
+        causal=True,
+    ),
+    "t5": EncoderLayout(
+        "t5",
+        "encoder.block.{i}",
+        "encoder.block.{i}.layer.0.SelfAttention.v",
+        "encoder.block.{i}.layer.1.DenseReluDense.wo",
+        causal=False,
+    ),
+    "bert": EncoderLayout(
+        "bert",
+        "encoder.layer.{i}",
+        "encoder.layer.{i}.attention.self.value",
+        "encoder.layer.{i}.output.dense",
+        causal=False,
+    ),
 }
 
 

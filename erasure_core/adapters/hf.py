@@ -21,8 +21,7 @@ from .base import LAYOUTS, EncodedPrompt, EncoderLayout, real_token_rows
 
 log = logging.getLogger(__name__)
 
-_KIND_BY_MODEL_TYPE = {"clip_text_model": "clip", "clip": "clip", "t5": "t5", "umt5": "t5", "mt5": "t5",
-                       "bert": "bert"}
+_KIND_BY_MODEL_TYPE = {"clip_text_model": "clip", "clip": "clip", "t5": "t5", "umt5": "t5", "mt5": "t5", "bert": "bert"}
 
 
 def _num_blocks(model: nn.Module, layout: EncoderLayout) -> int:
@@ -56,11 +55,12 @@ class HFTextEncoder:
         if self.num_blocks == 0:
             raise ErasureError(f"found no blocks at {self.layout.block!r} in the {model_type} model")
         cfg = model.config
-        self.hidden_size = int(getattr(cfg, "hidden_size", None) or getattr(cfg, "d_model"))
+        self.hidden_size = int(getattr(cfg, "hidden_size", None) or cfg.d_model)
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike[str], *, dtype: torch.dtype = torch.float32,
-                        device: str | torch.device = "cpu") -> HFTextEncoder:
+    def from_pretrained(
+        cls, path: str | os.PathLike[str], *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+    ) -> HFTextEncoder:
         """Load an encoder from a local directory (config, weights, tokenizer)."""
         from transformers import AutoConfig, AutoTokenizer
 
@@ -91,8 +91,9 @@ class HFTextEncoder:
 
     def batch(self, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
         """Padded token batch ``{"input_ids", "attention_mask"}`` on the model's device."""
-        enc = self.tokenizer(list(prompts), padding=True, truncation=True, max_length=self.max_length,
-                             return_tensors="pt")
+        enc = self.tokenizer(
+            list(prompts), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+        )
         return {"input_ids": enc["input_ids"].to(self.device), "attention_mask": enc["attention_mask"].to(self.device)}
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:

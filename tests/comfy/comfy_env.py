@@ -74,8 +74,9 @@ def load_pack():
     setup_comfyui()
     if PACK_NAME in sys.modules:
         return sys.modules[PACK_NAME]
-    spec = importlib.util.spec_from_file_location(PACK_NAME, REPO / "__init__.py",
-                                                  submodule_search_locations=[str(REPO)])
+    spec = importlib.util.spec_from_file_location(
+        PACK_NAME, REPO / "__init__.py", submodule_search_locations=[str(REPO)]
+    )
     module = importlib.util.module_from_spec(spec)
     sys.modules[PACK_NAME] = module
     spec.loader.exec_module(module)
