@@ -68,7 +68,10 @@ class ActivationCapture:
     def _store(self, name: str, value: Any) -> None:
         x = first_tensor(value).detach()
         y = self.transform(x) if self.transform is not None else x
-        self.outputs[name].append(y.clone() if y.data_ptr() == x.data_ptr() else y)
+        # clone whenever y shares memory with the module's tensor (itself, or a view such as a row
+        # slice, whose data_ptr differs): a later in-place ``x += f(x)`` would overwrite it
+        shared = y.untyped_storage().data_ptr() == x.untyped_storage().data_ptr()
+        self.outputs[name].append(y.clone() if shared else y)
         self._pending.discard(name)
         if self.stop_early and not self._pending:
             raise _StopForward

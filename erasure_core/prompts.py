@@ -203,6 +203,14 @@ def concept_span(
     full_text = " ".join((pair_prefix + concept + pair_suffix).split())
     bare_text = " ".join((pair_prefix + pair_suffix).split())
     full, bare = tokenize(full_text), tokenize(bare_text)
+    if full == bare:
+        # The concept tokenizes to nothing (the empty anchor): an empty span at the concept's
+        # slot, i.e. after the prefix's tokens and before the end-of-text tokens (EOS, [SEP])
+        # every text ends with. Without this the common prefix runs to the end of the text and
+        # the span lands after EOS, so nothing after the span would line up in ``align_tokens``.
+        n_end = _common_prefix(tokenize("")[::-1], bare[::-1])
+        slot = min(_common_prefix(tokenize(" ".join(pair_prefix.split())), bare), max(len(bare) - n_end, 0))
+        return full, slot, slot
     p = _common_prefix(full, bare)
     s = _common_prefix(full[::-1], bare[::-1])
     s = min(s, len(full) - p, len(bare) - p)

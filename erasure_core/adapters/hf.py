@@ -34,6 +34,12 @@ def _num_blocks(model: nn.Module, layout: EncoderLayout) -> int:
         n += 1
 
 
+def _strip_layout(layout: EncoderLayout, prefix: str) -> EncoderLayout:
+    """``layout`` with ``prefix`` removed from its module paths."""
+    strip = lambda p: p[len(prefix) :] if p.startswith(prefix) else p  # noqa: E731
+    return EncoderLayout(layout.kind, strip(layout.block), strip(layout.v_proj), strip(layout.mlp_out), layout.causal)
+
+
 class HFTextEncoder:
     """A ``TextEncoderAdapter`` over a ``transformers`` encoder model and its tokenizer."""
 
@@ -47,6 +53,9 @@ class HFTextEncoder:
                 f"unsupported transformers model type {model_type!r}; supported: CLIP text model, T5/UMT5 encoder, BERT"
             )
         self.layout = LAYOUTS[kind]
+        if kind == "clip" and not hasattr(model, "text_model"):
+            # transformers >= 5: CLIPTextModel is the text transformer itself (no ``text_model.`` level)
+            self.layout = _strip_layout(self.layout, "text_model.")
         self.root = model.eval()
         self.tokenizer = tokenizer
         self.name = name or model_type

@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
+import comfy_env
 import pytest
 import torch
-
-import comfy_env
-import tiny_models
 
 comfy_env.load_pack()
 
 from comfyui_concept_erasure.patches.apply import apply_weight_patch, effective_weight  # noqa: E402
 from comfyui_concept_erasure.patches.clip_encoder import ComfyTextEncoder, available_encoders  # noqa: E402
 from comfyui_concept_erasure.patches.families import detect_family, model_state_shapes  # noqa: E402
+
 from erasure_core.errors import PatchMismatchError  # noqa: E402
 from erasure_core.patch_file import ErasurePatch, make_delta  # noqa: E402
 

@@ -14,10 +14,19 @@ from erasure_core.patch_file import ErasurePatch, make_delta
 
 def _patch(tmp_path):
     g = torch.Generator().manual_seed(0)
-    d = make_delta("diffusion_model.blocks.0.cross_attn.k.weight", "model", torch.randn(64, 2, generator=g),
-                   torch.randn(2, 32, generator=g))
-    p = ErasurePatch("pure", "wan21", deltas=(d,), concept={"targets": ["a dog"], "anchor": ""},
-                     metrics={"forget_energy_removed": 0.995})
+    d = make_delta(
+        "diffusion_model.blocks.0.cross_attn.k.weight",
+        "model",
+        torch.randn(64, 2, generator=g),
+        torch.randn(2, 32, generator=g),
+    )
+    p = ErasurePatch(
+        "pure",
+        "wan21",
+        deltas=(d,),
+        concept={"targets": ["a dog"], "anchor": ""},
+        metrics={"forget_energy_removed": 0.995},
+    )
     return p.save(tmp_path / "dog.safetensors")
 
 
@@ -41,8 +50,9 @@ def test_inspect_text(tmp_path, capsys):
 def test_malformed_file_one_line_error_no_traceback(tmp_path):
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
-    r = subprocess.run([sys.executable, "-m", "erasure_core", "inspect", str(bad), "--json"],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "-m", "erasure_core", "inspect", str(bad), "--json"], capture_output=True, text=True
+    )
     assert r.returncode != 0
     assert r.stderr.startswith("error: ") and len(r.stderr.strip().splitlines()) == 1
     assert "Traceback" not in r.stderr
