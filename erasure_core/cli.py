@@ -19,6 +19,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from .cli_args import add_concept_arguments
 from .errors import ErasureError
 
 log = logging.getLogger("erasure_core")
@@ -80,20 +81,6 @@ def _fit_module(method: str):
         return importlib.import_module(FIT_METHODS[method])
     except ModuleNotFoundError:
         raise ErasureError(f"the {method} method is not available in this version of the pack") from None
-
-
-def add_concept_arguments(p: argparse.ArgumentParser) -> None:
-    """The options every fit shares (the concept request and the output)."""
-    p.add_argument("--target", action="append", required=True, help="concept to erase (repeat for several)")
-    p.add_argument("--anchor", default="", help="what the target should become (default: nothing)")
-    p.add_argument("--retain", action="append", default=None, help="concept that must not change (repeatable)")
-    p.add_argument("--preset", default="object", choices=["object", "style", "celebrity", "nudity"])
-    p.add_argument("--prompt", action="append", default=None, help="extra prompt containing the target")
-    p.add_argument("--paraphrase", action="append", default=None, help="prompt evoking the target without naming it")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--out", required=True, help="output .safetensors path")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
 
 
 def cmd_fit(args: argparse.Namespace, rest: Sequence[str]) -> int:

@@ -11,6 +11,7 @@ import argparse
 import logging
 from pathlib import Path
 
+from ..cli_args import parse_blocks, request_from_args
 from ..errors import ErasureError
 from ..patch_file import ErasurePatch
 from ..progress import tqdm_progress
@@ -19,25 +20,9 @@ from .search import ClearConfig
 log = logging.getLogger(__name__)
 
 
-def _blocks(text: str) -> tuple[int, ...]:
-    """``"3"``, ``"2,5,7"`` or ``"4-9"`` -> block indices."""
-    out: list[int] = []
-    try:
-        for part in text.split(","):
-            if "-" in part:
-                a, b = part.split("-")
-                out.extend(range(int(a), int(b) + 1))
-            elif part.strip():
-                out.append(int(part))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--blocks expects '3', '2,5,7' or '4-9', got {text!r}") from None
-    return tuple(out)
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """CLEAR's options (the concept options are added by ``erasure_core.cli``)."""
     d = ClearConfig()
-    p.add_argument("--encoder", required=True, help="local transformers encoder directory (CLIP, T5/UMT5, BERT)")
     p.add_argument("--search-steps", type=int, default=d.search_steps, help="layer-search steps")
     p.add_argument(
         "--finetune-steps", type=int, default=d.finetune_steps, help="SAE fine-tune steps at the chosen block"
@@ -45,13 +30,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--topk", type=int, default=d.topk, help="active SAE features per token (0: ReLU + --l1)")
     p.add_argument("--l1", type=float, default=d.l1, help="L1 penalty (ReLU SAE only)")
     p.add_argument("--width-factor", type=int, default=d.width_factor, help="SAE width as a multiple of d")
-    p.add_argument("--blocks", type=_blocks, default=None, help="candidate blocks, e.g. '2-9' (default: all)")
+    p.add_argument("--blocks", type=parse_blocks, default=None, help="candidate blocks, e.g. '2-9' (default: all)")
     p.add_argument("--eps-shared", type=float, default=d.eps_shared, help="max firing rate on negatives")
     p.add_argument("--eps-specific", type=float, default=d.eps_specific, help="min firing rate on positives")
     p.add_argument("--background", type=int, default=d.background, help="everyday captions added to negatives")
     p.add_argument("--gamma", type=float, default=d.gamma, help="default strength stored in the patch")
     p.add_argument("--report", default=None, help="also write the report picture (PNG) here")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def config_from_args(args: argparse.Namespace) -> ClearConfig:
@@ -73,17 +57,9 @@ def run(args: argparse.Namespace) -> ErasurePatch:
     """Fit, measure and return the patch (the caller writes it)."""
     from ..adapters.hf import HFTextEncoder
     from ..evaluate import evaluate_encoder_patch
-    from ..prompts import ConceptRequest
     from .fit import config_dict, fit_clear, to_patch
 
-    request = ConceptRequest.create(
-        args.target,
-        anchor=args.anchor,
-        retain=args.retain,
-        preset=args.preset,
-        prompts=args.prompt,
-        paraphrases=args.paraphrase,
-    )
+    request = request_from_args(args)
     config = config_from_args(args)
     encoder = HFTextEncoder.from_pretrained(args.encoder, device=args.device)
     with tqdm_progress("CLEAR fit", disable=args.quiet) as progress:

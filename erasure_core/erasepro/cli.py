@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 
+from ..cli_args import parse_blocks, request_from_args
 from ..errors import ErasureError
 from ..patch_file import ErasurePatch
 from ..progress import tqdm_progress
@@ -19,36 +20,19 @@ from .textstages import SCHEDULES, EraseProConfig
 log = logging.getLogger(__name__)
 
 
-def _blocks(text: str) -> tuple[int, ...] | None:
-    """``"all"``, ``"none"``, ``"3"``, ``"2,5,7"`` or ``"4-9"`` -> block indices."""
-    if text.strip().lower() == "all":
-        return None
-    if text.strip().lower() == "none":
-        return ()
-    out: list[int] = []
-    try:
-        for part in text.split(","):
-            if "-" in part:
-                a, b = part.split("-")
-                out.extend(range(int(a), int(b) + 1))
-            elif part.strip():
-                out.append(int(part))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--blocks expects 'all', 'none', '3', '2,5' or '4-9', got {text!r}") from None
-    return tuple(out)
+def _blocks_or_all(text: str) -> tuple[int, ...] | None:
+    return parse_blocks(text, allow_all=True)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """ErasePro's options (the concept options are added by ``erasure_core.cli``)."""
     d = EraseProConfig()
-    p.add_argument("--encoder", required=True, help="local transformers encoder directory (CLIP, T5/UMT5, BERT)")
-    p.add_argument("--blocks", type=_blocks, default=None, help="text-encoder blocks to edit: all, none, '0-5'")
+    p.add_argument("--blocks", type=_blocks_or_all, default=None, help="text-encoder blocks to edit: all, none, '0-5'")
     p.add_argument("--schedule", default=d.schedule, choices=SCHEDULES, help="alpha schedule over the stages")
     p.add_argument("--lam", type=float, default=d.lam_rel, help="retain regulariser, relative to the inputs' scale")
     p.add_argument("--tol", type=float, default=d.tol, help="singular-value cut of the constrained columns")
     p.add_argument("--max-templates", type=int, default=None, help="use only the first N preset templates")
     p.add_argument("--kv-weights", default=None, help="safetensors file of K/V weights reading the encoder output")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def run(args: argparse.Namespace) -> ErasurePatch:
@@ -58,17 +42,9 @@ def run(args: argparse.Namespace) -> ErasurePatch:
 
     from ..adapters.hf import HFTextEncoder
     from ..evaluate import evaluate_encoder_patch
-    from ..prompts import ConceptRequest
     from .fit import fit_headless, to_patch
 
-    request = ConceptRequest.create(
-        args.target,
-        anchor=args.anchor,
-        retain=args.retain,
-        preset=args.preset,
-        prompts=args.prompt,
-        paraphrases=args.paraphrase,
-    )
+    request = request_from_args(args)
     config = EraseProConfig(
         blocks=args.blocks, schedule=args.schedule, lam_rel=args.lam, tol=args.tol, max_templates=args.max_templates
     )

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..cli_args import request_from_args
 from ..patch_file import ErasurePatch
 from ..progress import tqdm_progress
 from .fit import HirmConfig
@@ -15,31 +16,21 @@ from .fit import HirmConfig
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """HiRM's options (the concept options are added by ``erasure_core.cli``)."""
-    p.add_argument("--encoder", required=True, help="local transformers encoder directory (CLIP, T5/UMT5, BERT)")
     p.add_argument("--variant", default="S", choices=["R", "S"], help="R: random directions, S: superordinate")
     p.add_argument("--superordinate", default=None, help="HiRM-S target concept (default: anchor or preset's)")
     p.add_argument("--epochs", type=int, default=None, help="training epochs (default: the preset's)")
     p.add_argument("--lr", type=float, default=None, help="Adam learning rate (default: the preset's)")
     p.add_argument("--c", type=float, default=None, help="steering scale (default: calibrated for R, 1 for S)")
     p.add_argument("--rank", type=int, default=0, help="store deltas as rank-N SVD (0: dense)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def run(args: argparse.Namespace) -> ErasurePatch:
     """Fit, measure and return the patch (the caller writes it)."""
     from ..adapters.hf import HFTextEncoder
     from ..evaluate import evaluate_encoder_patch
-    from ..prompts import ConceptRequest
     from .fit import fit_hirm, to_patch
 
-    request = ConceptRequest.create(
-        args.target,
-        anchor=args.anchor,
-        retain=args.retain,
-        preset=args.preset,
-        prompts=args.prompt,
-        paraphrases=args.paraphrase,
-    )
+    request = request_from_args(args)
     config = HirmConfig(
         variant=args.variant,
         epochs=args.epochs,
