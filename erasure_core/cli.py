@@ -155,5 +155,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stderr.write(f"error: {e}\n")
         return 2
     except KeyboardInterrupt:
-        sys.stderr.write("interrupted; nothing was written\n")
+        done = "nothing was written" if args.command == "fit" else "files already written are kept"
+        sys.stderr.write(f"interrupted; {done}\n")
         return 130

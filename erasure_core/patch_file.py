@@ -49,6 +49,9 @@ from .errors import PatchFileError
 
 log = logging.getLogger(__name__)
 
+#: permissions of written patch files (rw-r--r--, like files ComfyUI downloads)
+_FILE_MODE = 0o644
+
 FORMAT_NAME = "comfyui-concept-erasure"
 FORMAT_VERSION = 1
 METHODS = ("clear", "pure", "hirm", "erasepro", "uce")
@@ -346,6 +349,7 @@ class ErasurePatch:
         os.close(fd)
         try:
             save_file(tensors, tmp, metadata=metadata)
+            os.chmod(tmp, _FILE_MODE)  # mkstemp makes 0600; a patch file is as readable as any model file
             os.replace(tmp, path)
         finally:
             if os.path.exists(tmp):

@@ -254,6 +254,7 @@ def test_save_is_atomic(tmp_path, monkeypatch):
     patch = _full_patch()
     path = patch.save(tmp_path / "sub" / "p.safetensors")  # creates the folder
     assert sorted(p.name for p in path.parent.iterdir()) == ["p.safetensors"]  # no temporary file left
+    assert path.stat().st_mode & 0o777 == 0o644  # readable like any model file, not mkstemp's 0600
     before = path.read_bytes()
 
     import erasure_core.patch_file as pf
