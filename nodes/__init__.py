@@ -6,28 +6,19 @@ Node ids carry the fixed prefix ``ConceptErasure`` and never change once publish
 from __future__ import annotations
 
 import importlib
-import logging
 
 from comfy_api.latest import ComfyExtension, io
 from typing_extensions import override
-
-log = logging.getLogger(__name__)
 
 #: node modules, each exporting ``NODES`` (a list of ``io.ComfyNode`` classes)
 NODE_MODULES = ("load_save", "apply", "clear_intervene", "pure_project", "fit")
 
 
 def node_list() -> list[type[io.ComfyNode]]:
-    """Every node class of the pack (modules that are not there yet are skipped with a warning)."""
+    """Every node class of the pack, in menu order."""
     out: list[type[io.ComfyNode]] = []
     for name in NODE_MODULES:
-        try:
-            module = importlib.import_module(f".{name}", __name__)
-        except ModuleNotFoundError as e:
-            if e.name and e.name.endswith(f"nodes.{name}"):
-                continue
-            raise
-        out.extend(module.NODES)
+        out.extend(importlib.import_module(f".{name}", __name__).NODES)
     return out
 
 
