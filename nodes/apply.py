@@ -103,7 +103,17 @@ class ApplyPatch(io.ComfyNode):
                     "default strength.",
                 ),
             ],
-            outputs=[io.Model.Output(display_name="MODEL"), io.Clip.Output(display_name="CLIP")],
+            outputs=[
+                io.Model.Output(
+                    display_name="MODEL",
+                    tooltip="A patched copy of the MODEL (the input itself if the patch has no model edits).",
+                ),
+                io.Clip.Output(
+                    display_name="CLIP",
+                    tooltip="A patched copy of the CLIP (the input itself if the patch has no text-encoder edits): "
+                    "encode the prompts with it.",
+                ),
+            ],
         )
 
     @classmethod

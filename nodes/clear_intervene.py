@@ -41,13 +41,17 @@ class ClearIntervene(io.ComfyNode):
                     "that block (for comparison only: the features were learned at the chosen block).",
                 ),
             ],
-            outputs=[io.Clip.Output(display_name="clip")],
+            outputs=[
+                io.Clip.Output(display_name="clip", tooltip="A patched copy of the CLIP: encode the prompts with it.")
+            ],
         )
 
     @classmethod
     def execute(cls, clip, patch, gamma: float, layer_override: int = -1) -> io.NodeOutput:
         from ..patches.clear import apply_clear
+        from .apply import check_clip_family
 
+        check_clip_family(clip, patch)  # a patch of another family: refused, naming both families
         override = None if layer_override is None or layer_override < 0 else int(layer_override)
         return io.NodeOutput(apply_clear(clip, patch, gamma, override))
 

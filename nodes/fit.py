@@ -122,7 +122,10 @@ class FitEraser(io.ComfyNode):
                 ),
             ],
             outputs=[
-                ErasurePatchType.Output(display_name="patch"),
+                ErasurePatchType.Output(
+                    display_name="patch",
+                    tooltip="The fitted eraser: apply it, or keep it with Save Erasure Patch.",
+                ),
                 io.Image.Output(display_name="report", tooltip="The method's report picture."),
                 io.String.Output(display_name="summary", tooltip="What was fitted and the measured numbers."),
             ],

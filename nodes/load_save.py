@@ -35,7 +35,13 @@ class LoadPatch(io.ComfyNode):
                     "Refresh the page (R) after adding files.",
                 ),
             ],
-            outputs=[ErasurePatchType.Output(display_name="patch")],
+            outputs=[
+                ErasurePatchType.Output(
+                    display_name="patch",
+                    tooltip="The loaded patch: connect it to Apply Erasure Patch, CLEAR Layer Intervene or "
+                    "PURE Project K/V.",
+                )
+            ],
         )
 
     @classmethod

@@ -32,7 +32,7 @@ class PureProject(io.ComfyNode):
                     tooltip="1 = remove the concept directions, 0 = off, between = partial, <0 = amplify.",
                 ),
             ],
-            outputs=[io.Model.Output(display_name="model")],
+            outputs=[io.Model.Output(display_name="model", tooltip="A patched copy of the MODEL: sample with it.")],
         )
 
     @classmethod

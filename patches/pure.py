@@ -8,6 +8,14 @@ each target, finished one by one), solves, and returns the K/V deltas ``-(W Q) Q
 ``ErasurePatch`` (Flux: the K/V row slices of ``double_blocks.*.txt_attn.qkv``). Neither
 ``model`` nor ``clip`` is modified. ``apply_pure(model, patch, strength)`` adds the deltas
 to a clone (``patches.apply.apply_weight_patch``).
+
+Wan2.2 A14B is two MODELs of the ``wan21`` architecture, the high-noise and the low-noise
+expert, with different weights. Fit once per expert (same CLIP, same request): each patch's
+deltas ``-(W Q) Q^T`` are built from that expert's own ``W`` and its own captured reads, and
+its fingerprint records that expert's weights. In a workflow, put one "PURE Project K/V"
+node after each expert's loader with that expert's patch. Applied to the other expert a
+patch still loads (same keys and shapes), but ``apply`` logs a warning that the base
+weights differ from the ones it was fitted on, and the projection is not exact there.
 """
 
 from __future__ import annotations
@@ -20,8 +28,9 @@ import torch
 from erasure_core.errors import ErasureError, PatchMismatchError
 from erasure_core.patch_file import ErasurePatch, make_delta, weight_fingerprint
 from erasure_core.progress import ProgressFn, noop_progress
-from erasure_core.prompts import ConceptRequest, build_prompt_sets
+from erasure_core.prompts import ConceptRequest
 from erasure_core.pure import PureEraser, PureFitter
+from erasure_core.pure.jobs import capture_jobs, last_of_target
 from erasure_core.report import FitResult, figure_to_image, format_metrics, new_figure
 
 from .apply import apply_weight_patch
@@ -76,21 +85,6 @@ def _latent(model: Any, family: str, resolution: int, frames: int) -> torch.Tens
     return torch.zeros(1, fmt.latent_channels, side, side)
 
 
-def _prompt_groups(request: ConceptRequest) -> tuple[list[str], list[list[str]], list[list[str]]]:
-    """Retain prompts, forget prompts per target, anchor prompts per target (empty without anchor)."""
-    sets = build_prompt_sets(request)
-    forget = [[p.target_prompt for p in sets.pairs if p.concept == t] for t in request.targets]
-    anchors = [
-        [p.anchor_prompt for p in sets.pairs if p.concept == t] if request.anchor else [] for t in request.targets
-    ]
-    for extra in sets.extra_forget:  # user prompts/paraphrases go to the target they name, else the first
-        hit = [i for i, t in enumerate(request.targets) if t.lower() in extra.lower()]
-        forget[hit[0] if hit else 0].append(extra)
-    if not sets.retain:
-        raise ErasureError("PURE needs retain prompts: add retain concepts (or keep the preset's)")
-    return list(sets.retain), forget, anchors
-
-
 def _base_weight(model: Any, t: KVTarget) -> torch.Tensor:
     W = model.get_key_patches(t.key)[t.key][0][0]
     if t.offset is not None:
@@ -134,7 +128,7 @@ def fit_pure(
     targets = _targets(model, spec)
     shapes = model_state_shapes(model)
     dims = {t.layer: int(shapes[t.key][1]) for t in targets}
-    retain, forget, anchors = _prompt_groups(request)
+    jobs = capture_jobs(request)
     config = dict(steps=steps, seeds=seeds, rank=rank, threshold=threshold, resolution=resolution, frames=frames)
     config.update(cfg=cfg, q_max=q_max, sampler_name=sampler_name, scheduler=scheduler, seed=seed)
 
@@ -151,31 +145,30 @@ def fit_pure(
     ReadCapture(spec, list(dims), sink, q_max=q_max, seed=seed).attach(clone)
     latent = _latent(model, spec.name, resolution, frames)
     negative = _encode(clip, "", spec.name, resolution)
-    jobs = [("retain", 0, p) for p in retain]
-    for t in range(len(request.targets)):
-        jobs += [("forget", t, p) for p in forget[t]] + [("anchor", t, p) for p in anchors[t]]
     total = len(jobs) * seeds * steps
     done = 0
     progress(0, total)
-    for i, (kind, t, prompt) in enumerate(jobs):
-        mode.update(kind=kind, target=t)
-        positive = _encode(clip, prompt, spec.name, resolution)
-        for s in range(seeds):
-            noise = comfy.sample.prepare_noise(latent, seed + s)
-            base = done
+    try:
+        for i, (kind, t, prompt) in enumerate(jobs):
+            mode.update(kind=kind, target=t)
+            positive = _encode(clip, prompt, spec.name, resolution)
+            for s in range(seeds):
+                noise = comfy.sample.prepare_noise(latent, seed + s)
+                base = done
 
-            def callback(step: int, *_: Any, base: int = base) -> None:
-                progress(min(base + step + 1, total), total)
+                def callback(step: int, *_: Any, base: int = base) -> None:
+                    progress(min(base + step + 1, total), total)
 
-            comfy.sample.sample(
-                clone, noise, steps, cfg, sampler_name, scheduler, positive, negative, latent,
-                seed=seed + s, callback=callback, disable_pbar=True,
-            )  # fmt: skip
-            done += steps
-            progress(done, total)
-        last_of_target = i + 1 == len(jobs) or jobs[i + 1][1] != t or jobs[i + 1][0] == "retain"
-        if kind != "retain" and last_of_target and t in fitter.forget:
-            fitter.finish_target(t)
+                comfy.sample.sample(
+                    clone, noise, steps, cfg, sampler_name, scheduler, positive, negative, latent,
+                    seed=seed + s, callback=callback, disable_pbar=True,
+                )  # fmt: skip
+                done += steps
+                progress(done, total)
+            if last_of_target(jobs, i) and t in fitter.forget:
+                fitter.finish_target(t)
+    finally:  # an interrupt (raised by progress) leaves nothing behind, not even on the discarded clone
+        ReadCapture.detach(clone)
     eraser = fitter.solve()
     patch, per_layer = _to_patch(model, spec, targets, eraser, fitter, request, config)
     image = _draw(per_layer, f"PURE on {spec.display}")

@@ -82,6 +82,13 @@ class ReadCapture:
         wrappers.pop(CAPTURE_KEY, None)
         patcher.add_wrapper_with_key(pe.WrappersMP.APPLY_MODEL, CAPTURE_KEY, self.wrapper)
 
+    @staticmethod
+    def detach(patcher: Any) -> None:
+        """Remove the capture wrapper from ``patcher`` (the hooks themselves live only inside a model call)."""
+        import comfy.patcher_extension as pe
+
+        patcher.remove_wrappers_with_key(pe.WrappersMP.APPLY_MODEL, CAPTURE_KEY)
+
     def wrapper(self, executor: Any, *args: Any, **kwargs: Any) -> Any:
         dm = executor.class_obj.diffusion_model
         to = args[5] if len(args) > 5 else kwargs.get("transformer_options", {})

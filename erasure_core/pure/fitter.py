@@ -26,10 +26,13 @@ each target maps to the mean anchor read, ``W' f_t = W a_t``. With ``z_t = Q^T f
 
     Delta = W (D - Q) Q^T          up = W (D - Q),  down = Q^T        (still rank r)
 
-Numerics: statistics in float32 (``dtype``) on ``device``; the solve uses one Cholesky
-factor of ``S_R + eps I`` per layer shared by every target; the top eigenvectors of the
-whitened ``L^-1 S_F L^-T`` come from an exact ``eigh`` when ``d_c`` is small, else from a
-randomized block subspace iteration (Halko et al. 2011; ``power_iters`` iterations,
+Numerics: statistics in float32 (``dtype``) on ``device``; the solve uses one whitening of
+``B = S_R + eps I`` per layer shared by every target (``Whitener``): a Cholesky factor, or,
+when the retain reads span at most ``lowrank_retain * d_c`` directions, the exact symmetric
+``B^{-1/2}`` from the eigenpairs of the retain factor's Gram matrix (float64, ``O(d m^2)``
+instead of the ``O(d^3)`` Cholesky). The
+top eigenvectors of the whitened ``S_F`` come from an exact ``eigh`` when ``d_c`` is small,
+else from a randomized block subspace iteration (Halko et al. 2011; ``power_iters`` iterations,
 Rayleigh-Ritz at the end), which needs only products with ``k = rank + oversample`` vectors.
 A target whose reads span few directions is kept as an exact factor ``F`` (``S = F F^T``,
 ``(d_c, m)``, ``m <= factor_cap``) instead of a dense matrix, which keeps 100-target fits
@@ -46,64 +49,11 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import FitError
+from .stats import SecondMoment, Whitener
 
 log = logging.getLogger(__name__)
 
-__all__ = ["PureEraser", "PureFitter", "SecondMoment"]
-
-
-class SecondMoment:
-    """A streaming ``S = sum r r^T`` (``(d, d)``) plus ``sum r`` and the count.
-
-    Kept as an exact factor ``F`` (``S = F F^T``) while its rank stays ``<= cap``; the
-    factor is re-compressed by a thin SVD when it grows past ``2 cap`` columns and turned
-    into a dense matrix when its rank exceeds ``cap``.
-    """
-
-    def __init__(self, dim: int, *, cap: int, dtype: torch.dtype, device: torch.device | str) -> None:
-        self.dim, self.cap, self.dtype, self.device = dim, cap, dtype, torch.device(device)
-        self.factor: torch.Tensor | None = torch.zeros(dim, 0, dtype=dtype, device=self.device) if cap > 0 else None
-        self.dense: torch.Tensor | None = None if cap > 0 else torch.zeros(dim, dim, dtype=dtype, device=self.device)
-        self.total = torch.zeros(dim, dtype=dtype, device=self.device)
-        self.count = 0
-
-    @torch.no_grad()
-    def add(self, R: torch.Tensor) -> None:
-        """Add the reads ``R`` (``(n, d)``)."""
-        R = R.detach().reshape(-1, self.dim).to(self.device, self.dtype)
-        self.count += R.shape[0]
-        self.total += R.sum(0)
-        if self.dense is not None:
-            self.dense.addmm_(R.T, R)
-            return
-        if R.shape[0] > 64:  # exact: R^T R = V S^2 V^T, keep V S
-            _, S, Vh = torch.linalg.svd(R, full_matrices=False)
-            keep = S > S[0] * 1e-6 if S.numel() else S > 0
-            R = Vh[keep] * S[keep, None]
-        self.factor = torch.cat([self.factor, R.T], 1)
-        if self.factor.shape[1] > 2 * self.cap:
-            self._compress()
-
-    def _compress(self) -> None:
-        U, S, _ = torch.linalg.svd(self.factor, full_matrices=False)
-        keep = S > S[0] * 1e-6 if S.numel() else S > 0
-        if int(keep.sum()) > self.cap:
-            self.dense = self.factor @ self.factor.T
-            self.factor = None
-        else:
-            self.factor = U[:, keep] * S[keep]
-
-    def matrix(self) -> torch.Tensor:
-        """The dense ``S`` (``(d, d)``)."""
-        return self.dense if self.dense is not None else self.factor @ self.factor.T
-
-    def mean(self) -> torch.Tensor:
-        """The mean read (``(d,)``)."""
-        return self.total / max(self.count, 1)
-
-    def nbytes(self) -> int:
-        t = self.dense if self.dense is not None else self.factor
-        return t.numel() * t.element_size() + self.total.numel() * self.total.element_size()
+__all__ = ["PureEraser", "PureFitter", "SecondMoment", "Whitener"]
 
 
 @dataclass(frozen=True)
@@ -174,7 +124,8 @@ class PureFitter:
     mean retain energy + eps along ``u``; 1 = as common in retain as in forget);
     ``eps_scale``: ``eps = eps_scale * trace(S_R / n_R) / d_c``; ``factor_cap``: largest rank
     kept as an exact factor (default ``d_c // 2``); ``exact_below``: widths up to which the
-    whitened eigenproblem is solved exactly with ``eigh``.
+    whitened eigenproblem is solved exactly with ``eigh``; ``lowrank_retain``: largest retain
+    rank, as a fraction of ``d_c``, whitened without a Cholesky (0: always Cholesky).
     """
 
     def __init__(
@@ -191,6 +142,7 @@ class PureFitter:
         oversample: int = 8,
         power_iters: int = 2,
         seed: int = 0,
+        lowrank_retain: float = 0.25,
     ) -> None:
         if not layers:
             raise FitError("no cross-attention layers to fit: the model has no K/V weights PURE can edit")
@@ -201,11 +153,12 @@ class PureFitter:
         self.dtype, self.device = dtype, torch.device(device)
         self.factor_cap, self.exact_below = factor_cap, exact_below
         self.oversample, self.power_iters, self.seed = oversample, power_iters, seed
+        self.lowrank_retain = lowrank_retain
         self.retain = {name: self._moment(name) for name in self.dims}
         self.forget: dict[int, dict[str, SecondMoment]] = {}
         self.anchor: dict[int, dict[str, SecondMoment]] = {}
         self._solved: dict[int, dict[str, tuple[torch.Tensor, list[float], torch.Tensor, float]]] = {}
-        self._chol: dict[str, tuple[torch.Tensor, float]] = {}
+        self._chol: dict[str, Whitener] = {}
 
     def _moment(self, layer: str, cap: int | None = None) -> SecondMoment:
         d = self.dims[layer]
@@ -247,11 +200,12 @@ class PureFitter:
         """Bytes held by the statistics and the cached factorisations."""
         n = sum(m.nbytes() for m in self.retain.values())
         n += sum(m.nbytes() for t in self.forget.values() for m in t.values())
-        n += sum(L.numel() * L.element_size() for L, _ in self._chol.values())
+        n += sum(w.nbytes() for w in self._chol.values())
         return n
 
     # ------------------------------------------------------------------ solve
-    def _cholesky(self, layer: str) -> tuple[torch.Tensor, float]:
+    def _whitener(self, layer: str) -> Whitener:
+        """The whitening of ``S_R / n + eps I`` (cached per layer): low rank when the retain factor is small."""
         if layer not in self._chol:
             m = self.retain[layer]
             if m.count == 0:
@@ -259,8 +213,19 @@ class PureFitter:
                     f"no retain reads at {layer!r}: PURE needs retain prompts to tell the concept from "
                     "everything else; add retain concepts (or keep the preset's)"
                 )
+            d = m.dim
+            if m.factor is not None and m.factor.shape[1] <= self.lowrank_retain * d:
+                F = m.factor.double() / m.count**0.5  # S_R / n = F F^T; eigenpairs from the Gram F^T F
+                lam, V = torch.linalg.eigh(F.T @ F)
+                floor = max(1e-4 * self.eps_scale * float(lam.clamp_min(0).sum()) / d, float(lam[-1]) * 1e-10)
+                keep = lam > floor  # directions far below eps change B by < 1e-4 of eps
+                if 0 < int(keep.sum()) <= self.lowrank_retain * d:
+                    lam, V = lam[keep], V[:, keep]
+                    U = (F @ (V / lam.sqrt())).to(self.dtype)
+                    eps = max(self.eps_scale * float(lam.sum()) / d, 1e-12)
+                    self._chol[layer] = Whitener(eps, U=U, s=lam.to(self.dtype))
+                    return self._chol[layer]
             S = m.matrix() / m.count
-            d = S.shape[0]
             eps = max(self.eps_scale * float(torch.trace(S)) / d, 1e-12)
             B = S + eps * torch.eye(d, dtype=S.dtype, device=S.device)
             L, info = torch.linalg.cholesky_ex(B)
@@ -268,20 +233,15 @@ class PureFitter:
             while int(info) != 0:
                 jitter *= 10
                 L, info = torch.linalg.cholesky_ex(B + jitter * torch.eye(d, dtype=S.dtype, device=S.device))
-            self._chol[layer] = (L, eps)
+            self._chol[layer] = Whitener(eps, L=L)
         return self._chol[layer]
 
     def _top(self, layer: str, m: SecondMoment, gen: torch.Generator) -> tuple[torch.Tensor, list[float]]:
         """Top generalized eigenvectors ``U`` (``(d, <= rank)``, orthonormalised) with ``mu > threshold``."""
-        L, _ = self._cholesky(layer)
-        d = L.shape[0]
+        wh = self._whitener(layer)
+        whiten, unwhiten = wh.whiten, wh.unwhiten
+        d = wh.dim
         scale = 1.0 / max(m.count, 1)
-
-        def whiten(X: torch.Tensor) -> torch.Tensor:  # L^-1 X
-            return torch.linalg.solve_triangular(L, X, upper=False)
-
-        def unwhiten(X: torch.Tensor) -> torch.Tensor:  # L^-T X
-            return torch.linalg.solve_triangular(L.T, X, upper=True)
 
         k = min(d, self.rank + self.oversample)
         if m.factor is not None and m.factor.shape[1] <= max(k, 64):
@@ -301,7 +261,7 @@ class PureFitter:
                 Z = m.dense @ Z if m.dense is not None else m.factor @ (m.factor.T @ Z)
                 return whiten(Z) * scale
 
-            Y = apply(torch.randn(d, k, generator=gen, dtype=L.dtype).to(L.device))
+            Y = apply(torch.randn(d, k, generator=gen, dtype=self.dtype).to(self.device))
             for _ in range(self.power_iters):
                 Y = apply(torch.linalg.qr(Y)[0])
             Qy = torch.linalg.qr(Y)[0]
@@ -310,7 +270,7 @@ class PureFitter:
             mu, W = mu.flip(0), Qy @ V.flip(1)
         keep = (mu[: self.rank] > self.threshold).nonzero().flatten()
         if keep.numel() == 0:
-            return torch.zeros(d, 0, dtype=L.dtype, device=L.device), []
+            return torch.zeros(d, 0, dtype=self.dtype, device=self.device), []
         U = unwhiten(W[:, keep])
         return torch.linalg.qr(U)[0], [float(x) for x in mu[keep]]
 

@@ -184,3 +184,74 @@ def test_node_schema_and_execute(build_tiny):
         out = PureProject.execute(tiny.model, patch, 1.0)
     model = out.result[0] if hasattr(out, "result") else out.args[0]
     assert model is not tiny.model and model.patches
+
+
+class _Stop(Exception):
+    pass
+
+
+def _torch_hooks(module: torch.nn.Module) -> int:
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in module.modules())
+
+
+def test_interrupt_mid_capture_leaves_nothing_behind(build_tiny, monkeypatch):
+    """An interrupt raised by the progress callback inside sampling: no hooks, no wrapper, input untouched."""
+    tiny = build_tiny("sdxl")
+    before = _state(tiny.model)
+    options_before = repr(tiny.model.model_options)
+    dm = tiny.model.model.diffusion_model
+    hooks_before = _torch_hooks(dm)
+    clones = []
+    attach = ReadCapture.attach
+
+    def spy(self, patcher):
+        clones.append(patcher)
+        attach(self, patcher)
+
+    monkeypatch.setattr(ReadCapture, "attach", spy)
+    calls = []
+
+    def progress(done, total):
+        calls.append(done)
+        if done >= 2:  # inside the second capture, from the sampler's step callback
+            raise _Stop
+
+    with pytest.raises(_Stop):
+        _fit(tiny, steps=2, progress=progress)
+    assert len(calls) >= 2 and clones
+    assert _torch_hooks(dm) == hooks_before
+    clone = clones[0]
+    assert not any(clone.wrappers.values()) and not clone.patches and not clone.object_patches
+    assert not tiny.model.wrappers or not any(tiny.model.wrappers.values())
+    assert not tiny.model.patches and repr(tiny.model.model_options) == options_before
+    after = _state(tiny.model)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_wan22_a14b_two_experts_each_get_their_own_patch(build_tiny, caplog):
+    """Wan2.2 A14B = two wan21 MODELs (high- and low-noise experts): fit each, apply each to its own expert."""
+    high, low = build_tiny("wan21"), build_tiny("wan21")
+    with torch.inference_mode():  # a second expert: same architecture, other weights
+        g = torch.Generator().manual_seed(1)
+        for p in low.model.model.diffusion_model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.02)
+    request = ConceptRequest.create("dog", retain=["cat", "car"])
+    patches = {}
+    for name, expert in (("high", high), ("low", low)):
+        with torch.inference_mode():
+            patches[name] = fit_pure(expert.model, expert.clip, request, **FAST).patch
+        assert patches[name].model_family == "wan21"
+    for name, expert in (("high", high), ("low", low)):
+        patch = patches[name]
+        caplog.clear()
+        with caplog.at_level("WARNING"), torch.inference_mode():
+            patched = apply_pure(expert.model, patch, 1.0)
+        assert "differs from the one the patch was fitted on" not in caplog.text
+        for d in patch.model_deltas():  # the expert's own weight, projected: W' Q = 0
+            Q = d.down.float().T
+            W1 = effective_weight(patched, d.key)
+            assert (W1 @ Q).norm() <= 1e-4 * effective_weight(expert.model, d.key).norm()
+    caplog.clear()
+    with caplog.at_level("WARNING"), torch.inference_mode():
+        apply_pure(low.model, patches["high"], 1.0)  # the wrong expert: applied, but with a warning
+    assert "differs from the one the patch was fitted on" in caplog.text

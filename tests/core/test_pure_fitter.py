@@ -178,3 +178,29 @@ def test_uce_fast_equals_reference():
     deltas = uce_fast(Ws, C_e, C_a, C_k, lam=0.5, dtype=torch.float64)
     for key, W in Ws.items():
         torch.testing.assert_close(W + deltas[key].dense(), uce_reference(W, C_e, C_a, C_k, lam=0.5))
+
+
+def test_low_rank_retain_whitening_equals_cholesky():
+    """Retain reads of low rank: the Gram-eigen whitening (no Cholesky) gives the Cholesky path's bases."""
+    stack = SyntheticStack.build((32, 64), 96, seed=9)
+    p = planted(d_c=96, shared=12, targets=2, seed=9)
+    retain = [stack.reads(p.prompt(i % 6, None), queries=32, seed=100 + i) for i in range(36)]
+    forget = [[stack.reads(p.prompt(i, t), queries=32, seed=200 + i) for i in range(6)] for t in range(2)]
+    out = {}
+    for lowrank in (0.25, 0.0):
+        fitter = PureFitter(stack.dims, rank=4, exact_below=0, power_iters=3, lowrank_retain=lowrank)
+        for layer in stack.dims:  # one update: the retain factor is compressed to its rank (12)
+            fitter.update(layer, torch.cat([r[layer] for r in retain]), forget=False)
+            for t in range(2):
+                fitter.update(layer, torch.cat([f[layer] for f in forget[t]]), forget=True, target=t)
+        out[lowrank] = (fitter, fitter.solve())
+    (fast_fitter, fast), (chol_fitter, chol) = out[0.25], out[0.0]
+    assert all(w.L is None for w in fast_fitter._chol.values())
+    assert all(w.L is not None for w in chol_fitter._chol.values())
+    assert fast_fitter.memory_bytes() < chol_fitter.memory_bytes()
+    for layer in stack.dims:
+        Qa, Qb = fast.bases[layer], chol.bases[layer]
+        assert Qa.shape == Qb.shape and Qa.shape[1] >= 2
+        torch.testing.assert_close(Qa @ Qa.T, Qb @ Qb.T, atol=1e-3, rtol=0)
+        for a, b in zip(fast.mus[layer], chol.mus[layer]):
+            torch.testing.assert_close(torch.tensor(a), torch.tensor(b), rtol=1e-3, atol=0)
