@@ -76,9 +76,9 @@ def _video_tail(b: WorkflowBuilder, model: int, clip: int, x: float, text: str) 
     dec = b.node("VAEDecode", (x + 800, 40))
     b.link(ks, 0, dec, "samples")
     b.link(vae, 0, dec, "vae")
-    vid = b.node("CreateVideo", (x + 800, 160), fps=24.0)
+    vid = b.node("CreateVideo", (x + 1100, 40), fps=24.0)
     b.link(dec, 0, vid, "images")
-    save = b.node("SaveVideo", (x + 800, 300), size=(420, 420), filename_prefix="video/concept_erasure")
+    save = b.node("SaveVideo", (x + 1400, 40), size=(420, 420), filename_prefix="video/concept_erasure")
     b.link(vid, 0, save, "video")
 
 
@@ -130,7 +130,7 @@ def _image_tail(
     dec = b.node("VAEDecode", (x + 800, 40))
     b.link(ks, 0, dec, "samples")
     b.link(*vae, dec, "vae")
-    save = b.node("SaveImage", (x + 800, 160), size=(420, 460), filename_prefix="concept_erasure")
+    save = b.node("SaveImage", (x + 1100, 40), size=(420, 460), filename_prefix="concept_erasure")
     b.link(dec, 0, save, "images")
 
 
@@ -211,7 +211,7 @@ def sd15_pure() -> WorkflowBuilder:
     ckpt = b.node("CheckpointLoaderSimple", (40, 40), ckpt_name="v1-5-pruned-emaonly-fp16.safetensors")
     fit = b.node(
         f"{P}Fit",
-        (40, 200),
+        (440, 40),
         size=(400, 700),
         method="PURE",
         targets="",
@@ -224,9 +224,9 @@ def sd15_pure() -> WorkflowBuilder:
     )
     b.link(ckpt, 0, fit, "model")
     b.link(ckpt, 1, fit, "clip")
-    save = b.node(f"{P}SavePatch", (40, 940), size=(380, 90), filename_prefix="sd15_pure_nudity")
+    save = b.node(f"{P}SavePatch", (440, 800), size=(380, 90), filename_prefix="sd15_pure_nudity")
     b.link(fit, 0, save, "patch")
-    pure = b.node(f"{P}PureProject", (480, 600))
+    pure = b.node(f"{P}PureProject", (900, 40))
     b.link(ckpt, 0, pure, "model")
     b.link(fit, 0, pure, "patch")
     _image_tail(
@@ -234,7 +234,7 @@ def sd15_pure() -> WorkflowBuilder:
         (pure, 0),
         (ckpt, 1),
         (ckpt, 2),
-        900,
+        1300,
         "a beautiful woman on a beach, photograph",
         size=512,
         steps=20,
@@ -332,17 +332,17 @@ def stack_two_erasers_lora() -> WorkflowBuilder:
     )
     ckpt = b.node("CheckpointLoaderSimple", (40, 40), ckpt_name="v1-5-pruned-emaonly-fp16.safetensors")
     lora = b.node(
-        "LoraLoader", (40, 200), lora_name="example_style_lora.safetensors", strength_model=1.0, strength_clip=1.0
+        "LoraLoader", (420, 40), lora_name="example_style_lora.safetensors", strength_model=1.0, strength_clip=1.0
     )
     b.link(ckpt, 0, lora, "model")
     b.link(ckpt, 1, lora, "clip")
-    p1 = b.node(f"{P}LoadPatch", (40, 420), title="Eraser 1", patch_name="sd15_erasepro_snoopy.safetensors")
-    p2 = b.node(f"{P}LoadPatch", (40, 540), title="Eraser 2", patch_name="sd15_pure_nudity.safetensors")
-    a1 = b.node(f"{P}ApplyPatch", (440, 40), title="Apply eraser 1", strength=1.0)
+    p1 = b.node(f"{P}LoadPatch", (420, 300), title="Eraser 1", patch_name="sd15_erasepro_snoopy.safetensors")
+    p2 = b.node(f"{P}LoadPatch", (420, 440), title="Eraser 2", patch_name="sd15_pure_nudity.safetensors")
+    a1 = b.node(f"{P}ApplyPatch", (820, 40), title="Apply eraser 1", strength=1.0)
     b.link(lora, 0, a1, "model")
     b.link(lora, 1, a1, "clip")
     b.link(p1, 0, a1, "patch")
-    a2 = b.node(f"{P}ApplyPatch", (440, 240), title="Apply eraser 2", strength=0.8)
+    a2 = b.node(f"{P}ApplyPatch", (820, 280), title="Apply eraser 2", strength=0.8)
     b.link(a1, 0, a2, "model")
     b.link(a1, 1, a2, "clip")
     b.link(p2, 0, a2, "patch")
@@ -351,7 +351,7 @@ def stack_two_erasers_lora() -> WorkflowBuilder:
         (a2, 0),
         (a2, 1),
         (ckpt, 2),
-        820,
+        1200,
         "Snoopy on a beach, watercolor",
         size=512,
         steps=20,
