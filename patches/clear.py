@@ -192,7 +192,7 @@ def apply_clear(
     if not modules:
         what = f"a {patch.method} patch" if patch is not None else "an empty list"
         raise PatchMismatchError(
-            f"this is {what} without CLEAR modules; apply it with the 'Apply Concept Eraser' node instead"
+            f"this is {what} without CLEAR modules; apply it with the 'Apply Erasure Patch' node instead"
         )
     if gamma < 0:
         raise ErasureError(f"gamma must be >= 0, got {gamma}")

@@ -245,7 +245,7 @@ def apply_pure(model: Any, patch: ErasurePatch, strength: float = 1.0) -> Any:
     """A clone of ``model`` with the PURE K/V deltas at ``strength`` (0 = the original weights)."""
     if patch.method != "pure":
         raise PatchMismatchError(
-            f"this is a {patch.method} patch, not a PURE one; apply it with the 'Apply Concept Eraser' node"
+            f"this is a {patch.method} patch, not a PURE one; apply it with the 'Apply Erasure Patch' node"
         )
     if not patch.model_deltas():
         raise PatchMismatchError("this PURE patch has no K/V deltas for the diffusion model")

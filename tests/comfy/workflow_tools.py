@@ -41,8 +41,9 @@ _LOADED: list[Any] = []
 def load_comfy_with_pack() -> Any:
     """ComfyUI's core nodes plus this pack, loaded in-process by ``nodes.load_custom_node``. Idempotent.
 
-    The pack is loaded through a symlink named like the package ``comfy_env.load_pack``
-    registers, so both routes share one copy of the pack's modules.
+    ComfyUI imports the pack under its file path as the module name, so the node classes the
+    executor runs are a second copy beside ``comfy_env.load_pack``'s ``comfyui_concept_erasure``
+    package: monkeypatch that copy (see ``test_executor.loaded_pack_module``).
     """
     comfy_env.setup_comfyui()
     import nodes
