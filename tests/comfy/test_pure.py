@@ -100,9 +100,17 @@ def test_strength_zero_and_stacking_with_a_lora(build_tiny):
     torch.testing.assert_close(effective_weight(stacked, key), expected, rtol=1e-5, atol=1e-6)
 
 
-def test_projection_on_captured_reads_with_a_planted_concept(build_tiny):
-    """Real capture on SD1.5: forget reads lose >= 99 % along the basis, retain K/V change < 1 %."""
-    tiny = build_tiny("sd15")
+@pytest.mark.parametrize("family", ["sd15", "sdxl", "flux"])
+def test_projection_on_captured_reads_with_a_planted_concept(build_tiny, family):
+    """Real capture: forget reads lose >= 99 % along the basis, retain K/V change < 1 %.
+
+    The concept is planted in the conditioning; SD1.5/SDXL read it as is (the basis must find
+    the planted direction), Flux reads it through ``txt_in`` and the earlier double blocks, where
+    it is no longer one known direction. Wan is left out: its context is padded to 512 tokens,
+    so a concept on 4 tokens is ~1 % of each read, below ``eps`` (1e-3 of the mean retain
+    eigenvalue, dominated by the padding's constant read) unless planted ~10x stronger.
+    """
+    tiny = build_tiny(family)
     spec = detect_family(tiny.model)
     targets = _kv_rows(tiny)
     with torch.inference_mode():
@@ -139,7 +147,7 @@ def test_projection_on_captured_reads_with_a_planted_concept(build_tiny):
             noise = comfy.sample.prepare_noise(latent, i)
             comfy.sample.sample(clone, noise, 1, 1.0, "euler", "simple", cond(mode["kind"] == "forget"), neg, latent,
                                 seed=i, disable_pbar=True)  # fmt: skip
-    fitter = PureFitter(dict.fromkeys(layers, d), rank=4)
+    fitter = PureFitter({layer: reads[("retain", layer)][0].shape[-1] for layer in layers}, rank=4)
     for (kind, layer), Rs in reads.items():
         fitter.update(layer, torch.cat(Rs), forget=kind == "forget")
     eraser = fitter.solve()
@@ -149,10 +157,12 @@ def test_projection_on_captured_reads_with_a_planted_concept(build_tiny):
         up, down = eraser.delta(t.layer, W)
         W2 = W + up @ down
         Q = eraser.bases[t.layer]
+        assert Q.shape[1] >= 1, f"no forget direction found at {t.layer}"
         R_f, R_r = torch.cat(reads[("forget", t.layer)]), torch.cat(reads[("retain", t.layer)])
         along = R_f @ Q @ Q.T
         assert (along @ W2.T).pow(2).sum() <= 0.01 * (along @ W.T).pow(2).sum()
-        assert (Q.T @ concept).norm() >= 0.95  # the basis found the planted concept direction
+        if family in ("sd15", "sdxl"):
+            assert (Q.T @ concept).norm() >= 0.95  # the basis found the planted concept direction
         assert ((R_r @ (W2 - W).T).norm() / (R_r @ W.T).norm()) < 0.01
 
 
