@@ -107,8 +107,8 @@ def test_projection_on_captured_reads_with_a_planted_concept(build_tiny, family)
     The concept is planted in the conditioning; SD1.5/SDXL read it as is (the basis must find
     the planted direction), Flux reads it through ``txt_in`` and the earlier double blocks, where
     it is no longer one known direction. Wan is left out (open issue): at this planting strength
-    the top generalized eigenvalue there is ~1.1 (nothing found); 10x stronger is found on Wan2.1
-    but not on Wan2.2-5B. Suspected cause: the 512-token padded context makes the 4 planted
+    the top generalized eigenvalue there is ~1.1 (nothing found); 4x stronger: still nothing; 10x:
+    found on Wan2.1, not on Wan2.2-5B. Suspected cause: the 512-token padded context makes the 4 planted
     tokens a small part of each read, under ``eps`` (scaled by the retain reads' mean energy,
     which the padding's constant read dominates).
     """
