@@ -198,7 +198,8 @@ def _to_patch(
         fingerprint.setdefault(t.key, weight_fingerprint(model.get_key_patches(t.key)[t.key][0][0]))
         S = fitter.retain[t.layer].matrix().to(W.device)
         D = up @ down
-        change = float(torch.trace(D @ S @ D.T) / torch.trace(W @ S @ W.T).clamp_min(1e-30)) ** 0.5
+        num = torch.trace(D @ S @ D.T).clamp_min(0)  # ~0, even slightly < 0, when retain reads miss Q
+        change = float(num / torch.trace(W @ S @ W.T).clamp_min(1e-30)) ** 0.5
         entry = per_layer.setdefault(t.layer, {"energy": eraser.energy.get(t.layer, 0.0), "retain_change": 0.0})
         entry["retain_change"] = max(entry["retain_change"], change)
         entry["rank"] = eraser.rank(t.layer)

@@ -12,7 +12,7 @@ of forget and anchor reads (for the means). ``solve()`` returns an immutable ``P
 per layer the orthonormal forget basis ``Q_j`` (``(d_c, r_j)``) from the generalized
 eigenproblem (on the per-read means ``S / n``)::
 
-    S_F u = mu (S_R + eps I) u,     eps = eps_scale * mean eigenvalue of S_R  (= trace / d_c)
+    S_F u = mu (S_R + eps I) u,     eps = eps_scale * mean eigenvalue of the centred S_R (``_eps``)
 
 keeping per target the top ``rank`` eigenvectors with ``mu > threshold``, orthonormalised,
 united over targets and re-orthonormalised. The K/V edit is ``W' = W (I - Q Q^T)``, i.e. the
@@ -122,7 +122,7 @@ class PureFitter:
     ``layers``: ``{layer name: d_c}``; ``rank``: eigenvectors kept per target and layer (<= 8
     by default); ``threshold``: minimum generalized eigenvalue ``mu`` (mean forget energy over
     mean retain energy + eps along ``u``; 1 = as common in retain as in forget);
-    ``eps_scale``: ``eps = eps_scale * trace(S_R / n_R) / d_c``; ``factor_cap``: largest rank
+    ``eps_scale``: ``eps = eps_scale * trace(S_R / n_R - mu mu^T) / d_c``; ``factor_cap``: largest rank
     kept as an exact factor (default ``d_c // 2``); ``exact_below``: widths up to which the
     whitened eigenproblem is solved exactly with ``eigh``; ``lowrank_retain``: largest retain
     rank, as a fraction of ``d_c``, whitened without a Cholesky (0: always Cholesky).
@@ -204,6 +204,17 @@ class PureFitter:
         return n
 
     # ------------------------------------------------------------------ solve
+    def _eps(self, trace: float, m: SecondMoment) -> float:
+        """``eps = eps_scale * trace(S_R / n - mu mu^T) / d``: the *centred* retain energy per dimension.
+
+        METHODS.md says 1e-3 of the mean eigenvalue of ``S_R``; a read that is the same for
+        every prompt (Wan's 512-token padded context reads mostly the padding's constant
+        embedding) dominates that uncentred trace and lifts ``eps`` over a concept's whole
+        signal; centring removes it. Floored at 1e-4 of the uncentred trace (constant reads).
+        """
+        centred = max(trace - float(m.mean().pow(2).sum()), 1e-4 * trace)
+        return max(self.eps_scale * centred / m.dim, 1e-12)
+
     def _whitener(self, layer: str) -> Whitener:
         """The whitening of ``S_R / n + eps I`` (cached per layer): low rank when the retain factor is small."""
         if layer not in self._chol:
@@ -222,11 +233,11 @@ class PureFitter:
                 if 0 < int(keep.sum()) <= self.lowrank_retain * d:
                     lam, V = lam[keep], V[:, keep]
                     U = (F @ (V / lam.sqrt())).to(self.dtype)
-                    eps = max(self.eps_scale * float(lam.sum()) / d, 1e-12)
+                    eps = self._eps(float(lam.sum()), m)
                     self._chol[layer] = Whitener(eps, U=U, s=lam.to(self.dtype))
                     return self._chol[layer]
             S = m.matrix() / m.count
-            eps = max(self.eps_scale * float(torch.trace(S)) / d, 1e-12)
+            eps = self._eps(float(torch.trace(S)), m)
             B = S + eps * torch.eye(d, dtype=S.dtype, device=S.device)
             L, info = torch.linalg.cholesky_ex(B)
             jitter = eps
