@@ -11,7 +11,8 @@ blocks x 3072; K and V of each layer) and for 1, 10, 100 targets, on the same in
   layer, top-``r`` generalized eigenvectors), ``solve()`` (union, re-orthonormalisation) and
   the K/V factors ``-(W Q) Q^T`` of every weight;
 * UCE reference: ``W' = (lam W + sum v c^T + sum W c c^T) @ inverse(lam I + sum c c^T)``
-  per K/V matrix (``erasure_core.pure.uce.uce_reference``); with ``--uce-sample K`` only K
+  per K/V matrix, computed as UCE's reference code does (per prompt, per-token outer products
+  summed; ``erasure_core.pure.uce.uce_reference``); with ``--uce-sample K`` only K
   matrices are timed and the total is extrapolated (marked ``~``);
 * UCE fast: the same edit with one factorisation shared by all layers (``uce_fast``);
 * memory: bytes held by PURE's statistics and factors at their peak, and the UCE
@@ -93,7 +94,7 @@ def run(family: str, n_targets: int, args: argparse.Namespace) -> dict:
         timed = keys if args.uce_sample <= 0 or family == "sd15" else keys[: args.uce_sample]
         t0 = time.perf_counter()
         for k in timed:
-            uce_reference(weights[k][1], C_e, C_a, C_k)
+            uce_reference(weights[k][1], C_e, C_a, C_k, prompt_tokens=args.tokens)
         ref_s = (time.perf_counter() - t0) * len(keys) / len(timed)
         sampled = len(timed) < len(keys)
     ranks = [eraser.rank(name) for name in layers]
@@ -105,7 +106,7 @@ def run(family: str, n_targets: int, args: argparse.Namespace) -> dict:
         "pure_mib": peak / 2**20,
         "ref_s": ref_s,
         "sampled": sampled,
-        "ref_mib": 4 * (3 * d * d + max(widths) * d) / 2**20,
+        "ref_mib": 4 * (args.tokens * (d + max(widths)) * d + 3 * d * d + max(widths) * d) / 2**20,
         "fast_s": fast_s,
         "kib_per_concept": size / 1024 / n_targets,
     }
