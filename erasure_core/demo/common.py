@@ -9,6 +9,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..metrics import ConditioningReport
 from ..patch_file import ErasurePatch
 
 log = logging.getLogger(__name__)
@@ -72,6 +73,24 @@ class DemoRow:
     path: Path | None = None
     seconds: float = 0.0
     extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_report(
+        cls, method: str, measured_on: str, report: ConditioningReport, notes: str, path: Path | None, seconds: float
+    ) -> DemoRow:
+        """A row from a ``metrics.ConditioningReport``."""
+        return cls(
+            method,
+            measured_on,
+            report.forget_leakage,
+            report.holdout_leakage,
+            report.retain_cos,
+            report.forget_cos_anchor,
+            notes,
+            path,
+            seconds,
+            report.as_dict(),
+        )
 
     @property
     def size(self) -> int:

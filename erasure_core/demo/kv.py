@@ -95,18 +95,7 @@ def kv_report(
 
 
 def _row(method: str, report: ConditioningReport, notes: str, path: Path | None, seconds: float) -> DemoRow:
-    return DemoRow(
-        method,
-        WHERE,
-        report.forget_leakage,
-        report.holdout_leakage,
-        report.retain_cos,
-        report.forget_cos_anchor,
-        notes,
-        path,
-        seconds,
-        report.as_dict(),
-    )
+    return DemoRow.from_report(method, WHERE, report, notes, path, seconds)
 
 
 def baseline_row(encoder: TextEncoderAdapter, weights: Weights, request: ConceptRequest, sets: PromptSets) -> DemoRow:

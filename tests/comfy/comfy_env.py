@@ -31,13 +31,12 @@ def comfyui_missing_reason() -> str | None:
 _READY = False
 
 
-def setup_comfyui() -> Path:
-    """Make ``import comfy...`` work in this process, in CPU mode. Idempotent."""
-    global _READY
-    path = comfyui_path()
-    if _READY:
-        return path
-    import transformers  # noqa: F401  (must be imported before the torchvision stub, see §5.2)
+def stub_torchvision() -> None:
+    """Replace torchvision by an empty stub when it does not import (COMFYUI.md §5.2).
+
+    ``transformers`` (and its tokenizers) must be imported first: they probe torchvision.
+    """
+    import transformers  # noqa: F401
     from transformers import CLIPTokenizer, T5TokenizerFast  # noqa: F401
 
     try:
@@ -52,6 +51,15 @@ def setup_comfyui() -> Path:
         tv.transforms = tr
         sys.modules["torchvision"] = tv
         sys.modules["torchvision.transforms"] = tr
+
+
+def setup_comfyui() -> Path:
+    """Make ``import comfy...`` work in this process, in CPU mode. Idempotent."""
+    global _READY
+    path = comfyui_path()
+    if _READY:
+        return path
+    stub_torchvision()
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
     from comfy.cli_args import args

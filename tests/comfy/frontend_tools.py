@@ -171,24 +171,11 @@ def _hide_unusable_packages() -> None:
 
 def _serve(comfyui: str, argv: list[str]) -> None:
     """Run ComfyUI's main.py with ``argv`` in this process (torchvision stubbed if it does not import)."""
+    from comfy_env import stub_torchvision  # this file's folder is still sys.path[0]
+
     sys.argv = [os.path.join(comfyui, "main.py"), *argv]
     sys.path[0] = comfyui  # instead of this file's folder
-    import transformers  # noqa: F401  (before the torchvision stub, COMFYUI.md §5.2)
-
-    try:
-        import torchvision  # noqa: F401
-    except Exception:
-        import types
-
-        for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
-            del sys.modules[name]
-        tv = types.ModuleType("torchvision")
-        tv.__path__ = []
-        tr = types.ModuleType("torchvision.transforms")
-        tr.__path__ = []
-        tv.transforms = tr
-        sys.modules["torchvision"] = tv
-        sys.modules["torchvision.transforms"] = tr
+    stub_torchvision()
     _hide_unusable_packages()
     import runpy
 
